@@ -1,0 +1,1 @@
+"""Benchmarks: capability matrix, speed/memory/FLOPs, quality tasks, report."""

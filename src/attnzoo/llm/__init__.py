@@ -1,0 +1,1 @@
+"""Pretrained Hugging Face models: loading, KV-cache presses, analysis, interventions."""

@@ -1,0 +1,1 @@
+"""The vision family of mechanisms."""
