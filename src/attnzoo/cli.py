@@ -1,10 +1,14 @@
 """The ``attnzoo`` command.
 
-``attnzoo list``, ``attnzoo info NAME`` and ``attnzoo report`` live here. Other parts of the package
-add their own subcommands: every module named in :data:`PLUGINS` that exists may define
-``register_cli(subparsers)`` (it adds its subcommands, e.g. ``bench speed``) and
-``report_section(out_dir, quick) -> str`` (a Markdown section of ``attnzoo report``, given in the
-order of :data:`PLUGINS`).
+``attnzoo list``, ``attnzoo info NAME``, ``attnzoo report`` and the ``attnzoo bench`` group live here.
+Other parts of the package plug in: every module named in :data:`PLUGINS` that exists may define
+
+* ``register_bench(bench_subparsers)``: adds ``attnzoo bench <name>`` subcommands;
+* ``register_cli(subparsers)``: adds top-level subcommands (e.g. ``attnzoo llm ...``);
+* ``report_section(out_dir: Path, quick: bool) -> str``: runs its part of the default benchmark and
+  returns a Markdown section of ``attnzoo report`` (sections appear in the order of :data:`PLUGINS`).
+
+Each subcommand sets ``func`` (``args -> int`` exit code) with ``set_defaults``.
 """
 
 from __future__ import annotations
@@ -92,10 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the full sweep instead of the quick default")
     p.set_defaults(func=_cmd_report)
 
+    bench = sub.add_parser("bench", help="benchmarks (speed, quality)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     for mod in _plugins():
-        fn = getattr(mod, "register_cli", None)
-        if fn is not None:
-            fn(sub)
+        for hook, target in (("register_bench", bench_sub), ("register_cli", sub)):
+            fn = getattr(mod, hook, None)
+            if fn is not None:
+                fn(target)
     return parser
 
 
