@@ -11,7 +11,7 @@ STAMP := $(VENV)/.attnzoo-installed
 # pytest workers: 2 on this 2-core machine (each worker runs torch on one thread, see tests/conftest.py)
 WORKERS ?= 2
 
-.PHONY: test test-slow test-all report lint clean setup
+.PHONY: test test-slow test-all report lint clean setup readme
 
 setup: $(STAMP)
 
@@ -38,3 +38,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) report .pytest_cache
+
+readme: $(STAMP)
+	$(PY) -m attnzoo.bench.capabilities README.md

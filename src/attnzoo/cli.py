@@ -66,15 +66,28 @@ def _cmd_info(args) -> int:
 def _cmd_report(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = ["# attnzoo report\n", capability_matrix()]
+    wanted = set(args.sections.split(",")) if args.sections else None
+    known = {"capabilities"} | {_section_name(m) for m in _plugins()}
+    if wanted is not None and not wanted <= known:
+        print(f"unknown report section(s) {sorted(wanted - known)}; known: {sorted(known)}", file=sys.stderr)
+        return 2
+    sections = ["# attnzoo report\n"]
+    if wanted is None or "capabilities" in wanted:
+        sections.append(capability_matrix())
     for mod in _plugins():
         fn = getattr(mod, "report_section", None)
-        if fn is not None:
+        if fn is not None and (wanted is None or _section_name(mod) in wanted):
             sections.append(fn(out, quick=not args.full))
     path = out / "README.md"
     write_text_atomic(path, "\n\n".join(s.strip() for s in sections if s) + "\n")
     print(f"report written to {path}")
     return 0
+
+
+def _section_name(mod) -> str:
+    """``attnzoo.bench.speed`` -> ``speed``; ``attnzoo.llm.cli`` -> ``llm``."""
+    parts = mod.__name__.split(".")
+    return parts[-2] if parts[-1] == "cli" else parts[-1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="run the default benchmark and write the report")
     p.add_argument("--out", default="report", help="output folder (default: report/)")
     p.add_argument("--full", action="store_true", help="the full sweep instead of the quick default")
+    p.add_argument("--sections", help="comma-separated subset: capabilities,speed,quality,llm (default: all)")
     p.set_defaults(func=_cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks (speed, quality)")
