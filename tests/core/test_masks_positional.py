@@ -74,3 +74,18 @@ def test_alibi_slopes_and_bias():
     b = alibi_bias(alibi_slopes(2), 3, 3)
     assert b.shape == (2, 3, 3)
     assert torch.allclose(b[0], -0.0625 * torch.tensor([[0.0, 1, 2], [1, 0, 1], [2, 1, 0]]))
+
+
+def test_flop_counter_sees_cpu_sdpa():
+    import torch.nn.functional as F
+
+    from attnzoo.core.flops import count_flops
+
+    q = k = v = torch.randn(2, 4, 256, 32)
+    expected = 4 * 2 * 4 * 256 * 256 * 32  # QK^T and PV
+    assert count_flops(F.scaled_dot_product_attention, q, k, v) == expected
+    assert count_flops(F.scaled_dot_product_attention, q, k, v, is_causal=True) == expected
+    manual = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # noqa: E731
+    assert count_flops(manual, q, k, v) == expected
+    qg = q.clone().requires_grad_(True)
+    assert count_flops(F.scaled_dot_product_attention, qg, k, v, backward=True) == int(3.5 * expected)

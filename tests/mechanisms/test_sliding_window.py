@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from attnzoo.core.flops import flop_counter
 
 import attnzoo as az
 from attnzoo.mechanisms.softmax.sliding_window import sliding_window_attention, sliding_window_reference
@@ -62,7 +62,7 @@ def test_each_query_sees_exactly_its_band():
 
 def flops(n, window=64):
     q = k = v = torch.randn(1, 2, n, 32)
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         sliding_window_attention(q, k, v, causal=True, window=window, block_size=64)
     return fc.get_total_flops()
 

@@ -14,7 +14,8 @@ Three forms, equal to each other:
 * reference: :func:`attnzoo.core.reference_attention` with the dense ``N x M`` band mask;
 * ``backend="blocked"`` (default, trains): queries in blocks of ``block_size``; each block attends to
   the ``block_size + window - 1`` (causal) keys that can reach it, gathered as a strided view of the
-  padded keys. Memory and FLOPs grow as ``N * (block_size + window)``, never ``N^2``;
+  padded keys, and all blocks go through one fused ``scaled_dot_product_attention`` call with the band
+  mask. Memory and FLOPs grow as ``N * (block_size + window)``, never ``N^2``;
 * ``backend="flex"``: FlexAttention with a ``BlockMask``, compiled with ``torch.compile`` (inference
   only on CPU: compiled FlexAttention has no CPU backward). Compiled kernels and block masks are cached
   per shape; the first call at a new shape compiles (tens of seconds on CPU), which the benchmark
@@ -37,9 +38,6 @@ from ...core.masks import block_mask, dense_mask, sliding_window
 from ...core.module import AttentionModule
 from ...core.reference import reference_attention
 from ...registry import register
-
-_NEG_INF = float("-inf")
-
 
 def _check_window(window: int) -> int:
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -70,7 +68,6 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, w
     b, h, n, d = q.shape
     m = k.shape[2]
     offset = m - n  # absolute position of query row r is r + offset
-    scale = d**-0.5
     block = max(1, min(block, n))
     nb = -(-n // block)
     left = window - 1  # keys before the first query of a block
@@ -89,10 +86,10 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, w
             t = torch.nn.functional.pad(t[:, :, -front:], (0, 0, 0, back), value=value)
         return t[:, :, :needed]
 
-    kp = pad_keys(k).unfold(2, span, block)  # (B, H, nb, D, span)
-    vp = pad_keys(v).unfold(2, span, block)  # (B, H, nb, Dv, span)
-    qp = torch.nn.functional.pad(q, (0, 0, 0, nb * block - n)).view(b, h, nb, block, d)
-    scores = torch.matmul(qp, kp) * scale  # (B, H, nb, block, span)
+    # (B*H, nb, span, D): block i's keys as a strided window of the padded keys
+    kp = pad_keys(k).unfold(2, span, block).transpose(-1, -2).reshape(b * h, nb, span, d)
+    vp = pad_keys(v).unfold(2, span, block).transpose(-1, -2).reshape(b * h, nb, span, v.shape[-1])
+    qp = torch.nn.functional.pad(q, (0, 0, 0, nb * block - n)).reshape(b * h, nb, block, d)
     # validity of (row r, col c) in block i: key position j = i*block + offset - left + c (absolute)
     r = torch.arange(block, device=q.device)[:, None]
     c = torch.arange(span, device=q.device)[None, :]
@@ -100,18 +97,16 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, w
     band = (dist >= 0) & (dist < window) if causal else (dist < window) & (dist > -window)
     starts = torch.arange(nb, device=q.device)[:, None, None] * block + offset - left
     j = starts + c  # (nb, 1, span)
-    valid = band & (j >= 0) & (j < m)  # (nb, block, span)
+    valid = band & (j >= 0) & (j < m)  # (nb, block, span), shared by every batch element and head
     if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, :].to(torch.bool)
-        kpm = pad_keys(pad.float()[:, :, :, None], value=1.0)[..., 0].unfold(2, span, block)  # (B, 1, nb, span)
-        valid = valid & ~(kpm[:, :, :, None, :] > 0.5)
-    scores = scores.masked_fill(~valid, _NEG_INF)
-    row_max = scores.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
-    denom = p.sum(-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.matmul(p, vp.transpose(-1, -2))  # (B, H, nb, block, Dv)
+        pad = key_padding_mask[:, None, :].to(q.dtype)
+        kpm = pad_keys(pad[:, :, :, None], value=1.0)[..., 0].unfold(2, span, block)  # (B, 1, nb, span)
+        valid = valid & ~(kpm[:, :, :, None, :] > 0.5)  # (B, 1, nb, block, span)
+        valid = valid.expand(b, h, nb, block, span).reshape(b * h, nb, block, span)
+    # one fused SDPA call over all blocks (the "heads" axis of the call enumerates the blocks)
+    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid, scale=d**-0.5)
+    if key_padding_mask is not None:
+        out = torch.nan_to_num(out, nan=0.0)  # rows whose keys are all padded: zeros on every torch version
     return out.reshape(b, h, nb * block, -1)[:, :, :n]
 
 
