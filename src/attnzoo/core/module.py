@@ -106,13 +106,21 @@ class AttentionModule(nn.Module):
 
     # -- shared plumbing ---------------------------------------------------------------------------
     def check_inputs(self, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None) -> bool:
-        """Validate inputs and the requested pattern; returns ``cross``."""
+        """Validate inputs and the requested pattern; returns ``cross``.
+
+        A 4-D ``x`` is a token grid: it needs the ``spatial`` capability (and no 1-D pattern) and takes
+        neither a context nor a padding mask.
+        """
         name = self.spec.name
         if isinstance(x, Tensor) and x.dim() == 4:
             self.spec.require("spatial")
             validate_grid(x, self.dim, "x", mechanism=name)
-        else:
-            validate_tokens(x, self.dim, "x", mechanism=name)
+            if context is not None:
+                raise ValueError(f"{name}: a grid input takes no context (2-D cross-attention is not offered)")
+            if key_padding_mask is not None:
+                raise ValueError(f"{name}: a grid input takes no key_padding_mask")
+            return False
+        validate_tokens(x, self.dim, "x", mechanism=name)
         cross = context is not None
         self.spec.require(pattern_name(self.causal, cross))
         if cross:
@@ -157,9 +165,15 @@ class AttentionModule(nn.Module):
         raise TypeError(f"{self.spec.name} declares decode but its module does not override init_state")
 
     def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        """Decode one token ``x_t (B, C)`` (or ``(B, 1, C)``); returns the output of the same shape and the new state."""
+        """Decode one token ``x_t (B, C)`` (or ``(B, 1, C)``); returns the output of the same shape and the new state.
+
+        The default runs :meth:`prefill` on the one token; mechanisms with a cheaper single-token
+        recurrence override it.
+        """
         self.spec.require("decode")
-        raise TypeError(f"{self.spec.name} declares decode but its module does not override step")
+        x3, squeeze = self._check_step_input(x_t)
+        y, state = self.prefill(x3, state)
+        return (y[:, 0] if squeeze else y), state
 
     def prefill(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
         """Run the full forward over ``x (B, N, C)`` (continuing ``state`` if given) and return the state after it."""

@@ -156,11 +156,6 @@ class MomentumAttention(AttentionModule):
         state["h"] = h
         return self.out_proj(merge_heads(attn + ema)), state
 
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state
-
 
 # -- the dual form: attention as a gradient-descent step (paper section 3) ---------------------------
 def relaxed_linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from ...core.module import AttentionModule
 from ...core.reference import reference_attention
 from ...registry import register
 
+
 def _check_window(window: int) -> int:
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"sliding_window: window must be a positive int, got {window!r}")
@@ -194,8 +195,3 @@ class SlidingWindowAttention(AttentionModule):
         out = fn(q, keys, values, causal=True, **self.settings)
         cache.append(k, v)
         return self.out_proj(merge_heads(out)), state
-
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state

@@ -178,8 +178,3 @@ class SoftmaxAttention(AttentionModule):
         keys, values = cache.append(k, v)
         out = softmax_attention(q, keys, values, causal=True, cross=False, **{**self.settings, "rope": False})
         return self.out_proj(merge_heads(out)), state
-
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state

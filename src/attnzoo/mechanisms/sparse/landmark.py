@@ -292,8 +292,3 @@ class LandmarkAttention(AttentionModule):
         fn = self.spec.reference if self.impl == "reference" else self.spec.functional
         out = fn(q, keys, values, causal=True, cross=False, **self.settings)
         return self.out_proj(merge_heads(out)), state
-
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state

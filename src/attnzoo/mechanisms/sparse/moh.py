@@ -253,8 +253,3 @@ class MoHAttention(AttentionModule):
         keys, values = state["kv"].append(k, v)
         heads = self._heads(q, keys, values, causal=True, cross=False, key_padding_mask=None)
         return self._mix(heads, self.gates(x)), state
-
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state

@@ -602,8 +602,3 @@ class NeighborhoodAttention(AttentionModule):
     def attend_cached(self, q, keys, values, settings):
         fn = self.spec.reference if self.impl == "reference" else self.spec.functional
         return fn(q, keys, values, causal=True, cross=False, key_padding_mask=None, **settings)
-
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state

@@ -384,8 +384,3 @@ class RCMHAttention(AttentionModule):
             fast=fast,
         )
         return self.out_proj(merge_heads(o)), state
-
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state

@@ -285,8 +285,3 @@ class RoutingAttention(AttentionModule):
         fn = self.spec.reference if self.impl == "reference" else self.spec.functional
         out = fn(q, keys, values, causal=True, cross=False, key_clusters=clusters, **self.op_params())
         return self.out_proj(merge_heads(out)), {"kv": state["kv"], "clusters": clusters}
-
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state

@@ -377,11 +377,6 @@ class S2Attention(AttentionModule):
         out = self.attend(q, keys, values, cross=False, key_padding_mask=None)
         return self.out_proj(merge_heads(out)), state
 
-    def step(self, x_t: Tensor, state: dict) -> tuple[Tensor, dict]:
-        x3, squeeze = self._check_step_input(x_t)
-        y, state = self.prefill(x3, state)
-        return (y[:, 0] if squeeze else y), state
-
 
 def covered_fraction(heads: int, vert_stride: int, **kw) -> float:
     """Fraction of block residues ``mod vert_stride`` seen by at least one head."""
