@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from torch import Tensor
@@ -38,7 +38,7 @@ __all__ = [
 _COMMON = ("causal", "cross", "key_padding_mask")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _accepted_params(fn) -> tuple[frozenset[str], bool]:
     params = inspect.signature(fn).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -237,7 +237,9 @@ def test_flop_count_credits_causal_sdpa():
     causal = speed_worker.count_flops(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
     assert dense == 4 * 2 * 64 * 64 * 16  # 2 matmuls of 2*N*M*D each, per head
     assert causal == int(dense * (64 * 65 / 2) / 64**2)
-    assert speed_worker._causal_fraction(4, 2) == pytest.approx((1 + 2 + 2 + 2) / 8)
+    from attnzoo.core.flops import causal_fraction
+
+    assert causal_fraction(4, 2) == pytest.approx((1 + 2 + 2 + 2) / 8)
 
 
 # -- whole sweeps ------------------------------------------------------------------------------------------

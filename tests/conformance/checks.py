@@ -412,7 +412,7 @@ def check_bad_module_inputs(spec: Mechanism) -> None:
         ("integer input", torch.ones(2, 8, DIM, dtype=torch.long), TypeError),
         ("empty sequence", torch.randn(2, 0, DIM), ValueError),
     ]
-    for label, x, exc in cases:
+    for _label, x, exc in cases:
         with pytest.raises(exc):
             mod(x)
     if pattern and is_cross(pattern):

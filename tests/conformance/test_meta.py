@@ -13,7 +13,11 @@ import torch
 
 from attnzoo import registry
 from attnzoo.core.layout import merge_heads
-from attnzoo.mechanisms.softmax.softmax import SoftmaxAttention, softmax_attention, softmax_attention_reference
+from attnzoo.mechanisms.softmax.softmax import (
+    SoftmaxAttention,
+    softmax_attention,
+    softmax_attention_reference,
+)
 
 from . import checks
 

@@ -55,4 +55,4 @@ def test_rolling_window_keeps_the_last_tokens():
     with pytest.raises(ValueError):
         KVCache(window=0)
     with pytest.raises(RuntimeError, match="empty"):
-        KVCache().keys
+        _ = KVCache().keys

@@ -84,7 +84,8 @@ def test_flop_counter_sees_cpu_sdpa():
     q = k = v = torch.randn(2, 4, 256, 32)
     expected = 4 * 2 * 4 * 256 * 256 * 32  # QK^T and PV
     assert count_flops(F.scaled_dot_product_attention, q, k, v) == expected
-    assert count_flops(F.scaled_dot_product_attention, q, k, v, is_causal=True) == expected
+    causal = count_flops(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+    assert causal == int(expected * (256 * 257 / 2) / 256**2)  # the kept lower triangle
     manual = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # noqa: E731
     assert count_flops(manual, q, k, v) == expected
     qg = q.clone().requires_grad_(True)

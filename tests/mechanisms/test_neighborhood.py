@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import attnzoo as az
+from attnzoo.core.flops import flop_counter
 from attnzoo.core.reference import reference_attention
 from attnzoo.mechanisms.sparse.neighborhood import (
     neighborhood_attention,
@@ -23,15 +23,8 @@ from attnzoo.mechanisms.sparse.neighborhood import (
 F64 = torch.float64
 
 
-def _flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts torch's fused CPU SDPA kernel (torch has no formula for it)."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    def cpu_flash(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return FlopCounterMode(display=False, custom_mapping={op: cpu_flash})
+def _flop_counter():
+    return flop_counter()
 
 
 def _qkv(b, h, n, d, m=None, dtype=F64, hkv=None):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attnzoo.core.flops import flop_counter
 
 import attnzoo as az
+from attnzoo.core.flops import flop_counter
 from attnzoo.mechanisms.softmax.sliding_window import sliding_window_attention, sliding_window_reference
 
 F64 = torch.float64
@@ -79,7 +79,7 @@ def test_decode_state_is_bounded_by_the_window():
     x = torch.randn(1, 12, 32, dtype=F64)
     _, state = layer.prefill(x)
     assert state["kv"].keys.shape[2] == 5
-    for t in range(40):
+    for _t in range(40):
         _, state = layer.step(torch.randn(1, 32, dtype=F64), state)
     assert state["kv"].keys.shape[2] == 5 and state["kv"].seen == 52
 

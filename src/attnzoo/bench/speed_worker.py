@@ -161,44 +161,11 @@ def is_oom(exc: BaseException) -> bool:
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
-def _causal_fraction(n: int, m: int) -> float:
-    """Fraction of the N x M score matrix that ``is_causal`` (top-left aligned, j <= i) keeps."""
-    if n <= 0 or m <= 0:
-        return 1.0
-    full = min(n, m)  # rows 0..full-1 keep i+1 keys; the rest keep all m
-    kept = full * (full + 1) // 2 + max(n - m, 0) * m
-    return kept / (n * m)
-
-
-def _sdpa_cpu_mapping() -> dict:
-    """FlopCounterMode formulas for the CPU flash-attention ops (torch counts them as 0)."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
-    aten = torch.ops.aten
-    mapping = {}
-
-    def fwd(q, k, v, *args, out_shape=None, **kw):
-        causal = kw.get("is_causal", args[1] if len(args) > 1 else False)
-        flops = sdpa_flop_count(q, k, v)
-        return int(flops * (_causal_fraction(q[-2], k[-2]) if causal else 1.0))
-
-    def bwd(g, q, k, v, *args, out_shape=None, **kw):
-        causal = kw.get("is_causal", args[3] if len(args) > 3 else False)
-        flops = sdpa_backward_flop_count(g, q, k, v)
-        return int(flops * (_causal_fraction(q[-2], k[-2]) if causal else 1.0))
-
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
-    return mapping
-
-
 def count_flops(fn: Callable[[], Any]) -> int:
     """Matmul-class FLOPs of one call of ``fn`` (elementwise ops, softmax and scans count 0)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..core.flops import flop_counter
 
-    with FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_mapping()) as fc:
+    with flop_counter() as fc:
         fn()
     return int(fc.get_total_flops())
 

@@ -2,7 +2,16 @@
 
 from .cache import KVCache
 from .layout import expand_kv, merge_heads, split_heads, validate_qkv
-from .masks import and_masks, block_diagonal, block_mask, causal, dense_mask, or_masks, sliding_window, strided
+from .masks import (
+    and_masks,
+    block_diagonal,
+    block_mask,
+    causal,
+    dense_mask,
+    or_masks,
+    sliding_window,
+    strided,
+)
 from .module import AttentionModule, state_tensors
 from .positional import alibi_bias, alibi_slopes, apply_rope
 from .reference import reference_attention

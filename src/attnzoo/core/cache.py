@@ -7,7 +7,6 @@ stays grouped-query shaped: ``(B, H_kv, length, D)``.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -155,25 +155,6 @@ class ViT(nn.Module):
         raise AssertionError("unreachable")
 
 
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """``2 N M D + 2 N M Dv`` per (batch, head) for the fused CPU attention kernel."""
-    import math
-
-    lead = math.prod(query_shape[:-2])
-    n, d = query_shape[-2:]
-    return 2 * lead * n * key_shape[-2] * (d + value_shape[-1])
-
-
-def _sdpa_cpu_mapping() -> dict:
-    """FLOP formulas for attention kernels that torch's FlopCounterMode does not count on CPU
-    (``_scaled_dot_product_flash_attention_for_cpu`` counts 0 in torch 2.x); could move to core/bench."""
-    ops = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        ops[op] = _sdpa_flops
-    return ops
-
-
 def profile(
     name: str,
     *,
@@ -188,13 +169,13 @@ def profile(
     "grid"}``; FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` (matmul/conv/attention kernels; a
     multiply-add counts as 2), measured on a zero image batch in eval mode.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..core.flops import flop_counter
 
     model = ViT(name, mechanism_cfg=mechanism_cfg, **vit_kwargs).eval()
     params = sum(p.numel() for p in model.parameters())
     mixer_params = sum(p.numel() for b in model.blocks for p in b.mixer.parameters())
     images = torch.zeros(batch_size, model.in_chans, *model.img_size)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_mapping()) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         model(images)
     flops = int(counter.get_total_flops())
     # everything that is not the patch embedding, an MLP or the head is token mixing (LayerNorm counts 0);
