@@ -38,6 +38,25 @@ def _allowed(
     return allowed
 
 
+def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
+    """Softmax along ``dim`` in which all-masked (all ``-inf``) slices give zeros instead of NaN."""
+    row_max = scores.amax(dim=dim, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=dim, keepdim=True)
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def stable_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest entries along the last axis, ties going to the lower index.
+
+    ``torch.topk`` does not promise an order among ties, so a fast form and its reference could pick
+    different keys; a stable sort makes data-dependent selections reproducible.
+    """
+    k = min(k, scores.shape[-1])
+    return torch.sort(scores, dim=-1, descending=True, stable=True)[1][..., :k]
+
+
 def reference_attention(
     q: Tensor,
     k: Tensor,
@@ -72,10 +91,6 @@ def reference_attention(
         allowed = finite if allowed is None else allowed & finite
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    weights = p / torch.where(denom > 0, denom, torch.ones_like(denom))  # empty rows stay all-zero
+    weights = safe_softmax(scores)  # empty rows stay all-zero
     out = torch.matmul(weights, v)
     return (out, weights) if return_weights else out

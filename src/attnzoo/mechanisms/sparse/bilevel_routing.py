@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ...core.layout import expand_kv, validate_qkv
 from ...core.module import AttentionModule
-from ...core.reference import reference_attention
+from ...core.reference import reference_attention, safe_softmax, stable_topk
 from ...registry import register
 
 NAME = "bilevel_routing"
@@ -67,20 +67,6 @@ def _check(causal: bool, cross: bool, topk: int, scale_mode: str) -> None:
 
 def _scale(h: int, d: int, scale_mode: str) -> float:
     return 1.0 / math.sqrt(d if scale_mode == "head_dim" else h * d)
-
-
-def _stable_topk(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest entries along the last axis; ties go to the lower index."""
-    k = min(k, scores.shape[-1])
-    return torch.sort(scores, dim=-1, descending=True, stable=True)[1][..., :k]
-
-
-def _safe_softmax(s: Tensor) -> Tensor:
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    z = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(z > 0, z, torch.ones_like(z))
 
 
 def local_context_enhancement(v: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -115,7 +101,7 @@ def _bra_core(qr: Tensor, kr: Tensor, vr: Tensor, real: Tensor, kvalid: Tensor, 
     k_reg = (kr * rk).sum(3) / rk.sum(3).clamp_min(1)
     aff = torch.einsum("bhid,bhjd->bij", q_reg, k_reg)  # summed over heads: routing shared by heads
     aff = aff.masked_fill(~kvalid.any(-1)[:, None, :], float("-inf"))
-    idx = _stable_topk(aff, topk)  # (B, R, k)
+    idx = stable_topk(aff, topk)  # (B, R, k)
     kk = idx.shape[-1]
     bi = torch.arange(b, device=qr.device)[:, None, None]
     kg = kr.permute(0, 2, 1, 3, 4)[bi, idx]  # (B, R, k, H, r, D)
@@ -125,7 +111,7 @@ def _bra_core(qr: Tensor, kr: Tensor, vr: Tensor, real: Tensor, kvalid: Tensor, 
     mg = kvalid[bi, idx].reshape(b, 1, nr, 1, kk * r)
     s = torch.matmul(qr, kg.transpose(-1, -2)) * scale  # (B, H, R, r, k r)
     s = s.masked_fill(~mg, float("-inf"))
-    return torch.matmul(_safe_softmax(s), vg)  # (B, H, R, r, Dv)
+    return torch.matmul(safe_softmax(s), vg)  # (B, H, R, r, Dv)
 
 
 def bilevel_routing_attention(

@@ -50,6 +50,7 @@ from torch import Tensor
 from ...core.cache import KVCache
 from ...core.layout import expand_kv, merge_heads, validate_qkv
 from ...core.module import AttentionModule
+from ...core.reference import safe_softmax
 from ...registry import register
 
 NAME = "landmark"
@@ -81,15 +82,6 @@ def remove_landmarks(y: Tensor, block_size: int) -> Tensor:
     n = y.shape[1]
     keep = (torch.arange(n, device=y.device) % (block_size + 1)) != block_size
     return y[:, keep]
-
-
-def _safe_softmax(s: Tensor, dim: int = -1) -> Tensor:
-    """Softmax with all-masked (all ``-inf``) slices giving zeros instead of NaN."""
-    m = s.amax(dim=dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    z = p.sum(dim=dim, keepdim=True)
-    return p / torch.where(z > 0, z, torch.ones_like(z))
 
 
 def _select_blocks(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -148,7 +140,7 @@ def landmark_attention(
             kr = k[:, :, : nb_full * p].reshape(bsz, h, nb_full, p, d)[:, :, :, : p - 1]
             vr = v[:, :, : nb_full * p].reshape(bsz, h, nb_full, p, dv)[:, :, :, : p - 1]
             s_in = torch.einsum("bhnd,bhcpd->bhncp", q, kr) * scale  # (B, H, N, nBf, P-1)
-            ctx = torch.einsum("bhncp,bhcpe->bhnce", _safe_softmax(s_in), vr)  # (B, H, N, nBf, Dv)
+            ctx = torch.einsum("bhncp,bhcpe->bhnce", safe_softmax(s_in), vr)  # (B, H, N, nBf, Dv)
         else:
             ctx = q.new_zeros(bsz, h, n, 0, dv)
     else:
@@ -162,7 +154,7 @@ def landmark_attention(
             kg = k.gather(2, gpos.expand(-1, -1, -1, d)).view(bsz, h, n, kk, p - 1, d)
             vg = v.gather(2, gpos.expand(-1, -1, -1, dv)).view(bsz, h, n, kk, p - 1, dv)
             s_in = torch.einsum("bhnd,bhnkpd->bhnkp", q, kg) * scale
-            ctx = torch.einsum("bhnkp,bhnkpe->bhnke", _safe_softmax(s_in), vg)
+            ctx = torch.einsum("bhnkp,bhnkpe->bhnke", safe_softmax(s_in), vg)
         else:
             ctx = q.new_zeros(bsz, h, n, 0, dv)
 
