@@ -55,7 +55,7 @@ def sliding_window_reference(
     cross: bool = False,
     key_padding_mask: Tensor | None = None,
     window: int = 256,
-    block_size: int = 64,
+    block_size: int = 32,
     backend: str = "blocked",
 ) -> Tensor:
     """Dense-mask reference. For ``N < M`` (causal decoding) the queries are the last ``N`` positions."""
@@ -98,16 +98,25 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, w
     band = (dist >= 0) & (dist < window) if causal else (dist < window) & (dist > -window)
     starts = torch.arange(nb, device=q.device)[:, None, None] * block + offset - left
     j = starts + c  # (nb, 1, span)
-    valid = band & (j >= 0) & (j < m)  # (nb, block, span), shared by every batch element and head
+    valid = (band & (j >= 0) & (j < m))[None]  # (1, nb, block, span), shared by every batch element and head
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, :].to(q.dtype)
         kpm = pad_keys(pad[:, :, :, None], value=1.0)[..., 0].unfold(2, span, block)  # (B, 1, nb, span)
         valid = valid & ~(kpm[:, :, :, None, :] > 0.5)  # (B, 1, nb, block, span)
         valid = valid.expand(b, h, nb, block, span).reshape(b * h, nb, block, span)
+    # rows with no visible key (padding rows of the last block, or every key padded) attend to one
+    # dummy key and are zeroed afterwards: no NaN forward or backward
+    empty = ~valid.any(-1, keepdim=True)
+    has_empty = bool(empty.any())
+    if has_empty:
+        valid = valid | (empty & (c == 0))
+    # an additive 4-D bias is the form for which the CPU SDPA takes its fused kernel (a 3-D boolean mask
+    # falls back to the unfused math path, several times slower)
+    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
     # one fused SDPA call over all blocks (the "heads" axis of the call enumerates the blocks)
-    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid, scale=d**-0.5)
-    if key_padding_mask is not None:
-        out = torch.nan_to_num(out, nan=0.0)  # rows whose keys are all padded: zeros on every torch version
+    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=d**-0.5)
+    if has_empty:
+        out = out.masked_fill(empty, 0.0)
     return out.reshape(b, h, nb * block, -1)[:, :, :n]
 
 
@@ -137,7 +146,7 @@ def sliding_window_attention(
     cross: bool = False,
     key_padding_mask: Tensor | None = None,
     window: int = 256,
-    block_size: int = 64,
+    block_size: int = 32,
     backend: str = "blocked",
 ) -> Tensor:
     """Sliding-window attention on ``q (B, H, N, D)``, ``k, v (B, Hkv, M, D)``; see the module docstring."""
@@ -165,7 +174,7 @@ def sliding_window_attention(
     complexity="time O(N w d), memory O(N (w + block))",
     functional=sliding_window_attention,
     reference=sliding_window_reference,
-    defaults={"window": 256, "block_size": 64, "backend": "blocked"},
+    defaults={"window": 256, "block_size": 32, "backend": "blocked"},
     summary="softmax attention restricted to keys within distance < window (causal: the last `window` keys)",
     deviations="no dilation and no global tokens (Longformer); window counts keys at distance < window",
     test_config={"window": 7, "block_size": 8},
