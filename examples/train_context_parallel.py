@@ -194,6 +194,7 @@ def main(argv=None) -> dict:
         D.init_process_group(timeout_s=120.0)
         rank, world = D.group_info()
         result = train(rank, world, args)
+        dist.barrier()  # every rank done before any tears down: a gloo peer closing early aborts the others
         dist.destroy_process_group()
         if rank != 0:
             return result

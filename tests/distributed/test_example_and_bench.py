@@ -19,18 +19,24 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "train_context_parallel.py"
 
 
+def run_example(cmd: list[str]) -> None:
+    """Run the example; on failure, fail with its own output (a bare exit status says nothing)."""
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"exit {r.returncode}: {' '.join(cmd)}\n--- stdout ---\n{r.stdout[-4000:]}\n--- stderr ---\n{r.stderr[-8000:]}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mechanism,layout", [("softmax", "zigzag"), ("sliding_window", "contiguous"), ("linear", "contiguous")])
 def test_example_two_processes_train_like_one(mechanism, layout, tmp_path):
     """P = 2 and P = 1 give the same loss trajectory (float64), and step 0 equals a single-process run."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     losses = {}
     for world in (1, 2):
         out = tmp_path / f"p{world}.json"
         cmd = [sys.executable, str(EXAMPLE), "--spawn", str(world), "--steps", "4", "--seq-len", "29", "--batch", "2",
                "--dtype", "float64", "--mechanism", mechanism, "--layout", layout, "--window", "5", "--check",
                "--log-every", "0", "--json", str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+        run_example(cmd)
         res = json.loads(out.read_text())
         assert res["check_max_abs_diff"] <= 1e-10
         losses[world] = res["losses"]
@@ -43,7 +49,7 @@ def test_example_under_torchrun(tmp_path):
     out = tmp_path / "r.json"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port_for_test()),
            str(EXAMPLE), "--steps", "3", "--check", "--log-every", "0", "--json", str(out)]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300, capture_output=True)
+    run_example(cmd)
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["check_max_abs_diff"] <= 1e-5  # float32
     assert res["comm_bytes_per_step"] > 0
