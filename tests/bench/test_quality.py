@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from attnzoo import registry
 from attnzoo.bench import quality as Q
 from attnzoo.bench import tasks as T
-from attnzoo.bench.models import CrossModel, PatchModel, TokenModel
+from attnzoo.bench.models import CrossModel, TokenModel
 from attnzoo.cli import main as cli_main
 from attnzoo.core.module import AttentionModule
 
@@ -220,8 +220,8 @@ def test_stream_is_monotonic(op):
 
 def test_shapes_have_the_drawn_class():
     b = T.shapes(_gen(11), 64, size=16, noise=0.0)
-    img, lab = b["images"][..., 0], b["labels"]
-    assert b["images"].shape == (64, 16, 16, 1)
+    img, lab = b["images"][:, 0], b["labels"]
+    assert b["images"].shape == (64, 1, 16, 16)
     for i in range(64):
         fg = img[i] > 0.3
         rows, cols = fg.any(1).nonzero().flatten(), fg.any(0).nonzero().flatten()
@@ -260,13 +260,11 @@ def test_causal_cross_model_never_masks_the_source():
     assert not torch.allclose(out[:, 6:], out2[:, 6:])
 
 
-def test_token_and_patch_models_shapes():
+def test_token_and_cross_models_shapes():
     lm = TokenModel("softmax", vocab=20, length=16, dim=16, heads=2, layers=1, causal=True)
     assert lm(torch.randint(0, 20, (2, 16))).shape == (2, 16, 20)
     cls = TokenModel("softmax", vocab=20, length=16, dim=16, heads=2, layers=1, causal=False, head="cls", num_classes=3)
     assert cls(torch.randint(0, 20, (2, 16))).shape == (2, 3)
-    vit = PatchModel("softmax", image_size=8, channels=1, patch=2, dim=16, heads=2, layers=1, num_classes=4, spatial=False)
-    assert vit(torch.randn(2, 8, 8, 1)).shape == (2, 4)
     with pytest.raises(ValueError, match="longer"):
         lm(torch.randint(0, 20, (2, 17)))
     two = TokenModel("softmax", vocab=[20, 5], length=16, dim=16, heads=2, layers=1, causal=False, num_classes=4)
@@ -335,6 +333,29 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     strip = lambda r: (r["accuracy"], r["eval_loss"], [(p[0], p[2], p[3]) for p in r["curve"]])  # noqa: E731
     assert strip(a) == strip(b)
     assert strip(a) != strip(c)
+
+
+@pytest.mark.parametrize("mech", ["softmax", "moh", "reversed"])
+def test_shapes_cell_is_the_vit_that_profile_counts(mech):
+    """The image task trains ``attnzoo.models.ViT``: the cell's parameters and FLOPs per image are
+    exactly ``attnzoo.models.profile``'s for the same configuration, so the side-by-side table
+    describes one network. ``moh`` needs routed heads: the task's 4 heads give it 3."""
+    from attnzoo.models import ViT, profile
+
+    cells, _, _ = Q.plan(quick=True, mechanisms=[Q.Mech(mech)], tasks=["shapes"], seeds=[0], steps=3, batch=4,
+                         eval_examples=8)
+    (cell,) = cells
+    r = cell.recipe
+    assert r.heads == Q.TASKS["shapes"].heads == 4
+    model = Q.build_model(cell)
+    assert isinstance(model, ViT) and model.grid == (8, 8)
+    rec = Q.train_cell(cell)
+    assert rec["status"] == "done", rec.get("traceback")
+    prof = profile(mech, mechanism_cfg=cell.mech.settings, img_size=16, patch_size=Q.SHAPES_PATCH, in_chans=1,
+                   num_classes=4, dim=r.dim, depth=r.layers, num_heads=r.heads, mlp_ratio=r.mlp_ratio)
+    assert rec["parameters"] == prof["params"]
+    assert rec["flops_per_example"] == prof["flops_per_image"] > 0
+    assert rec["seconds_per_example"] > 0
 
 
 def test_resume_skips_finished_cells_and_survives_an_interrupt(tmp_path, monkeypatch):

@@ -15,9 +15,9 @@ later needs no edit here.
   positions (optionally the source's position table, so position t of the target and of the source
   start out with the same embedding). Built with ``causal=True`` for the causal-cross pattern: the source is never masked,
   output ``i`` may only depend on queries ``<= i``.
-* :class:`PatchModel`: a tiny ViT: non-overlapping ``patch x patch`` patches, linear patch embedding,
-  learned 2-D positions, blocks on the ``(B, h, w, C)`` grid for ``spatial`` mechanisms (their
-  ``forward_spatial``) or on the flattened ``(B, h*w, C)`` tokens for the others; mean pooling.
+
+The image task (``shapes``) uses the library's own :class:`attnzoo.models.ViT`, so that its accuracy,
+parameters, FLOPs and time per image describe the same network that ``attnzoo.models.profile`` counts.
 """
 
 from __future__ import annotations
@@ -182,52 +182,6 @@ class CrossModel(nn.Module):
         for blk in self.blocks:
             x = blk(x, mem)
         return self.head(self.norm(x))
-
-
-class PatchModel(nn.Module):
-    """Tiny ViT on ``(B, S, S, channels)`` images: patches, blocks on the grid or the flat tokens, mean pool."""
-
-    def __init__(
-        self,
-        mechanism: str,
-        *,
-        image_size: int,
-        channels: int,
-        patch: int,
-        dim: int,
-        heads: int,
-        layers: int,
-        num_classes: int,
-        spatial: bool,
-        settings: Mapping[str, Any] | None = None,
-        mlp_ratio: int = 4,
-    ) -> None:
-        super().__init__()
-        if image_size % patch:
-            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
-        self.patch = patch
-        self.grid = image_size // patch
-        self.spatial = spatial
-        self.proj = nn.Linear(patch * patch * channels, dim)
-        self.pos = nn.Parameter(torch.randn(self.grid, self.grid, dim) * EMBED_STD)
-        self.blocks = nn.ModuleList(
-            Block(make_attention(mechanism, dim, heads, causal=False, settings=settings), dim, mlp_ratio=mlp_ratio)
-            for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, images: Tensor) -> Tensor:
-        b, s, _, c = images.shape
-        g, p = self.grid, self.patch
-        x = images.reshape(b, g, p, g, p, c).permute(0, 1, 3, 2, 4, 5).reshape(b, g, g, p * p * c)
-        x = self.proj(x) + self.pos
-        if not self.spatial:
-            x = x.reshape(b, g * g, -1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
-        return self.head(x.reshape(b, -1, x.shape[-1]).mean(dim=1))
 
 
 def count_parameters(model: nn.Module) -> int:

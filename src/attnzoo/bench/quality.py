@@ -55,10 +55,10 @@ from torch import Tensor, nn
 from .. import registry
 from . import tasks as T
 from .capabilities import write_text_atomic
-from .models import CrossModel, PatchModel, TokenModel, count_parameters
+from .models import CrossModel, TokenModel, count_parameters
 
 #: Bump when the harness changes in a way that changes numbers (old cells are then not reused).
-VERSION = 1
+VERSION = 2
 EVAL_SEED_BASE = 2**40
 INIT_SEED_BASE = 2**41
 #: Mechanisms of the quick default (those registered); ``--full`` or ``--mechanisms all`` runs every one.
@@ -66,6 +66,8 @@ QUICK_MECHANISMS = ("softmax", "linear", "sliding_window")
 REFERENCE = "softmax"
 #: torch threads of a run (the machines have 2 cores); recorded in every cell.
 DEFAULT_THREADS = 2
+#: Patch side of the image task (16 x 16 images -> an 8 x 8 token grid).
+SHAPES_PATCH = 2
 _SHORT = {"noncausal_self": "NS", "causal_self": "CS", "noncausal_cross": "NC", "causal_cross": "CC", "spatial": "2-D"}
 
 
@@ -110,6 +112,7 @@ class Task:
     sweeps: tuple[tuple[str, tuple, tuple], ...] = ()  # (param, full values, quick values)
     knobs: tuple[str, ...] = ()  # params the --vocab / --length knobs set
     layers: int | None = None  # overrides the recipe's depth
+    heads: int | None = None  # overrides the recipe's head count
     metric: str = "accuracy"
     about: str = ""
 
@@ -159,8 +162,9 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             "shapes", "shapes", ("spatial", "noncausal_self"), "shapes", "patch", {"size": 16, "noise": 0.25},
-            steps=1000, quick_steps=600, metric="4-way accuracy",
-            about="generated 16x16 shape images (square, outline, disc, plus), 2x2 patches, mean pooling",
+            steps=1500, quick_steps=1000, heads=4, metric="4-way accuracy",
+            about="generated 16x16 shape images (square, outline, disc, plus), `attnzoo.models.ViT`: 2x2 patches "
+                  "(8x8 grid), 4 heads, mean pooling",
         ),
     )
 }
@@ -315,7 +319,7 @@ def plan(
             else:
                 kept.append(var)
         layout[tname] = {"main": main, "variants": kept}
-        recipe = replace(base, layers=task.layers or base.layers)
+        recipe = replace(base, layers=task.layers or base.layers, heads=task.heads or base.heads)
         n_steps = steps if steps is not None else (task.quick_steps if quick else task.steps)
         if n_steps < 3:
             raise ValueError(f"steps must be >= 3, got {n_steps}")
@@ -344,7 +348,7 @@ def plan(
 # training one cell
 # ---------------------------------------------------------------------------------------------------
 def build_model(cell: Cell) -> nn.Module:
-    t, p, r, spec = cell.task, cell.params, cell.recipe, cell.mech.spec
+    t, p, r = cell.task, cell.params, cell.recipe
     common = dict(dim=r.dim, heads=r.heads, layers=r.layers, settings=cell.mech.settings, mlp_ratio=r.mlp_ratio)
     g = t.generator
     if g in ("mqar", "selective_copy", "story_lm"):
@@ -363,7 +367,10 @@ def build_model(cell: Cell) -> nn.Module:
         return CrossModel(cell.mech.name, memory_vocabs=[v, n], query_vocab=v + 1, out_vocab=v, query_length=n, causal=True,
                           tie_query_positions=1, **common)
     if g == "shapes":
-        return PatchModel(cell.mech.name, image_size=p["size"], channels=1, patch=2, num_classes=len(T.SHAPE_CLASSES), spatial=spec.supports("spatial"), **common)
+        from ..models import ViT
+
+        return ViT(cell.mech.name, img_size=p["size"], patch_size=SHAPES_PATCH, in_chans=1, num_classes=len(T.SHAPE_CLASSES),
+                   dim=r.dim, depth=r.layers, num_heads=r.heads, mlp_ratio=r.mlp_ratio, mechanism_cfg=cell.mech.settings)
     raise ValueError(f"no model for generator {g!r}")
 
 
@@ -406,6 +413,25 @@ def evaluate(kind: str, model: nn.Module, batches: Sequence[Mapping[str, Tensor]
         n_ex += size
     model.train(was)
     return (correct / total if total else float("nan")), loss_sum / max(n_ex, 1)
+
+
+def forward_flops_per_example(kind: str, model: nn.Module, batch: Mapping[str, Tensor]) -> int | None:
+    """Forward FLOPs of ``model`` on the first example of ``batch`` in eval mode (``attnzoo.core.flops``:
+    matmuls, convolutions and attention kernels, a multiply-add = 2; element-wise work not counted);
+    ``None`` if the counter cannot trace the model."""
+    from ..core.flops import flop_counter
+
+    one = {k: v[:1] for k, v in batch.items()}
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), flop_counter() as counter:
+            forward_batch(kind, model, one)
+        return int(counter.get_total_flops())
+    except Exception:  # a count is optional; the cell's accuracy stands without it
+        return None
+    finally:
+        model.train(was)
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.OneCycleLR:
@@ -473,12 +499,15 @@ def train_cell(cell: Cell, on_step: Callable[[int], Any] | None = None) -> dict[
                 curve.append([step, round(train_s, 4), acc, lv])
         t0 = time.perf_counter()
         acc, eval_loss = evaluate(cell.task.kind, model, eval_batches)
+        eval_s = time.perf_counter() - t0
         rec.update(
             status="done",
             accuracy=acc,
             eval_loss=eval_loss,
             train_seconds=round(train_s, 3),
-            eval_seconds=round(time.perf_counter() - t0, 3),
+            eval_seconds=round(eval_s, 3),
+            seconds_per_example=eval_s / r.eval_examples,
+            flops_per_example=forward_flops_per_example(cell.task.kind, model, eval_batches[0]),
             curve=curve,
             steps_to_099=next((int(c[0]) for c in curve if c[2] >= 0.99), None),
             diverged_at=diverged,
@@ -564,6 +593,9 @@ def _stats(recs: Sequence[dict]) -> dict[str, Any]:
         "max": max(accs),
         "parameters": recs[0].get("parameters"),
         "train_seconds": sum(r["train_seconds"] for r in recs) / len(recs),
+        "flops_per_example": recs[0].get("flops_per_example"),
+        "seconds_per_example": (sum(r["seconds_per_example"] for r in recs) / len(recs)
+                                if all(r.get("seconds_per_example") is not None for r in recs) else None),
         "steps_to_099": [r.get("steps_to_099") for r in recs],
         "diverged": any(r.get("diverged_at") for r in recs),
     }
@@ -715,8 +747,13 @@ def render(
         "",
         "### Cost (main setting of each task)",
         "",
-        "| task | mechanism | accuracy | seeds | parameters | train s / seed | steps to 0.99 |",
-        "|---|---|---|---|---|---|---|",
+        f"Parameters and forward FLOPs of one example (matmuls, convolutions and attention kernels; a "
+        f"multiply-add counts 2, element-wise work 0) describe the trained network itself; inference time is "
+        f"the held-out evaluation's wall time per example (batches of {base.batch}, no gradient, torch threads: "
+        f"{', '.join(str(t) for t in sorted({r.get('threads') for r in records.values() if r and r.get('threads')})) or '–'}).",
+        "",
+        "| task | mechanism | accuracy | seeds | parameters | MFLOPs / example | inference ms / example | train s / seed | steps to 0.99 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tasks:
         key = _fmt_params(layout[t]["main"])
@@ -732,8 +769,11 @@ def render(
             if ref_params and abs(st["parameters"] - ref_params) > 0.1 * ref_params:
                 flag = f" (≠ softmax ±10 %: {st['parameters'] / ref_params - 1:+.0%})"
             s99 = ", ".join("–" if s is None else str(s) for s in st["steps_to_099"])
+            mflops = "–" if st.get("flops_per_example") is None else f"{st['flops_per_example'] / 1e6:.2f}"
+            ms = "–" if st.get("seconds_per_example") is None else f"{st['seconds_per_example'] * 1e3:.3f}"
             lines.append(
-                f"| `{t}` | `{label}` | {st['mean']:.3f} | {st['n']} | {st['parameters']:,}{flag} | {st['train_seconds']:.1f} | {s99} |"
+                f"| `{t}` | `{label}` | {st['mean']:.3f} | {st['n']} | {st['parameters']:,}{flag} | {mflops} | {ms} | "
+                f"{st['train_seconds']:.1f} | {s99} |"
             )
     for (t, label, p), st in sorted(agg.items()):
         if st["errors"] and p != _fmt_params(layout[t]["main"]):

@@ -336,7 +336,7 @@ SHAPE_CLASSES = ("square", "outline", "disc", "plus")
 
 
 def shapes(gen: torch.Generator, batch: int, *, size: int = 16, noise: float = 0.25) -> dict[str, Tensor]:
-    """Grey images ``(B, size, size, 1)`` of one shape each; ``labels`` index :data:`SHAPE_CLASSES`.
+    """Grey images ``(B, 1, size, size)`` (channels first, as ``attnzoo.models.ViT`` takes them) of one shape each; ``labels`` index :data:`SHAPE_CLASSES`.
 
     Filled square, square outline, disc, plus sign; half-size 2..size//4+1 pixels (at least 2),
     random centre fully inside the image, random intensity in [0.6, 1], Gaussian noise ``noise``.
@@ -359,4 +359,4 @@ def shapes(gen: torch.Generator, batch: int, *, size: int = 16, noise: float = 0
     m = masks[torch.arange(batch), label].float()
     amp = 0.6 + 0.4 * torch.rand(batch, 1, 1, generator=gen)
     img = m * amp + noise * torch.randn(batch, size, size, generator=gen)
-    return {"images": img[..., None], "labels": label}
+    return {"images": img[:, None], "labels": label}
