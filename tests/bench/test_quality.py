@@ -404,7 +404,7 @@ def test_end_to_end_cli_table_and_plots(tmp_path, tiny_linear):
     assert cli_main(argv) == 0
     root = out / "quality"
     md = (root / "quality.md").read_text()
-    for png in ("mqar_num_pairs.png", "accuracy_vs_time.png"):
+    for png in ("mqar_num_pairs.png", "accuracy_vs_time.png", "accuracy_vs_cost.png"):
         assert (root / png).stat().st_size > 1000 and f"({png})" in md
     assert "`softmax` (reference)" in md
     lines = md.splitlines()

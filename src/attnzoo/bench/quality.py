@@ -775,6 +775,8 @@ def render(
                 f"| `{t}` | `{label}` | {st['mean']:.3f} | {st['n']} | {st['parameters']:,}{flag} | {mflops} | {ms} | "
                 f"{st['train_seconds']:.1f} | {s99} |"
             )
+    if plots.get("cost"):
+        lines += ["", f"![accuracy vs inference time per example]({link_prefix}{plots['cost']})"]
     for (t, label, p), st in sorted(agg.items()):
         if st["errors"] and p != _fmt_params(layout[t]["main"]):
             errors += [f"`{label}` on {t} [{p}]: {e}" for e in st["errors"]]
@@ -886,6 +888,32 @@ def make_plots(
         _save_fig(fig, root / "accuracy_vs_time.png")
         plt.close(fig)
         out["time"] = "accuracy_vs_time.png"
+    # accuracy vs inference cost: one point per mechanism (main setting), a panel per task with >= 2 of them
+    panels = []
+    for t in tasks:
+        key = _fmt_params(layout[t]["main"])
+        pts = [(lab, st) for lab in labels if (st := agg.get((t, lab, key))) and st["n"] and st.get("seconds_per_example")]
+        if len(pts) >= 2:
+            panels.append((t, pts))
+    if panels:
+        ncol = min(3, len(panels))
+        nrow = math.ceil(len(panels) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.axis("off")
+        for ax, (t, pts) in zip(axes.flat, panels):
+            for lab, st in pts:
+                x = st["seconds_per_example"] * 1e3
+                ax.errorbar([x], [st["mean"]], yerr=[[st["mean"] - st["min"]], [st["max"] - st["mean"]]], marker="o",
+                            capsize=3, color=color.get(lab, "grey"), linestyle="none")
+                ax.annotate(lab, (x, st["mean"]), xytext=(4, 3), textcoords="offset points", fontsize=7)
+            ax.set(title=TASKS[t].title, xlabel="inference ms / example (log)", ylabel="accuracy (mean, min–max over seeds)")
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save_fig(fig, root / "accuracy_vs_cost.png")
+        plt.close(fig)
+        out["cost"] = "accuracy_vs_cost.png"
     return out
 
 
