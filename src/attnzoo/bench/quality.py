@@ -813,6 +813,7 @@ def make_plots(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return {}
     agg = aggregate(cells, records)
@@ -909,6 +910,9 @@ def make_plots(
                 ax.annotate(lab, (x, st["mean"]), xytext=(4, 3), textcoords="offset points", fontsize=7)
             ax.set(title=TASKS[t].title, xlabel="inference ms / example (log)", ylabel="accuracy (mean, min–max over seeds)")
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(alpha=0.3)
         fig.tight_layout()
         _save_fig(fig, root / "accuracy_vs_cost.png")
