@@ -101,3 +101,39 @@ def test_flex_backend_equals_reference(causal):
         out = sliding_window_attention(q, k, v, causal=causal, window=37, backend="flex")
     ref = sliding_window_reference(q.double(), k.double(), v.double(), causal=causal, window=37)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n,m,window,block,kv_heads,causal", [
+    (100, 100, 6, 8, 3, False), (100, 100, 6, 8, 3, True), (101, 101, 9, 4, 1, False), (101, 101, 9, 4, 1, True),
+    (64, 64, 16, 16, 3, False), (64, 64, 16, 16, 3, True),
+    (50, 61, 5, 4, 3, True),  # queries at the end of a longer cache (chunked prefill)
+])
+def test_interior_blocks_and_ends_match_the_reference_with_gradients(n, m, window, block, kv_heads, causal, monkeypatch):
+    """The fast path splits the query blocks: interior ones read their keys as a strided view of k/v with one
+    shared band bias (in chunks of blocks), the blocks at both ends go through the padded path. Values and
+    gradients (through the overlapping views) equal the dense reference; the padded path saw only the end
+    blocks; one block per chunk gives the same result."""
+    import attnzoo.mechanisms.softmax.sliding_window as sw
+
+    ranges = []
+    real = sw._blocks_padded
+    monkeypatch.setattr(sw, "_blocks_padded", lambda *a: (ranges.append(a[-2:]), real(*a))[1])
+    q = rand(2, 3, n, 8).requires_grad_()
+    k, v = rand(2, kv_heads, m, 8).requires_grad_(), rand(2, kv_heads, m, 6).requires_grad_()
+    out = sliding_window_attention(q, k, v, causal=causal, window=window, block_size=block)
+    nb = -(-n // block)
+    covered = sum(i1 - i0 for i0, i1 in ranges)
+    assert 0 < covered < nb and all(i0 == 0 or i1 == nb for i0, i1 in ranges)  # only the two ends
+    ref = sliding_window_reference(q, k, v, causal=causal, window=window)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    w = rand(*out.shape)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=1e-11, rtol=0)
+    # the interior in chunks of one block per SDPA call (as at long lengths) computes the same
+    monkeypatch.setattr(sw, "_CHUNK_BYTES", 1)
+    one = sliding_window_attention(q, k, v, causal=causal, window=window, block_size=block)
+    assert torch.equal(one, out)
+    for g, r in zip(torch.autograd.grad((one * w).sum(), (q, k, v)), got):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=0)

@@ -65,59 +65,99 @@ def sliding_window_reference(
     return reference_attention(q, k, v, mask, key_padding_mask=key_padding_mask)
 
 
-def _blocked(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, window: int, causal: bool, block: int) -> Tensor:
+def _band(window: int, causal: bool, block: int, span: int, device) -> Tensor:
+    """``(block, span)`` bool: may row ``r`` of a query block see column ``c`` of the block's key span?
+    Column ``c`` holds key ``start + c`` with ``start = first query - (window - 1)``."""
+    r = torch.arange(block, device=device)[:, None]
+    c = torch.arange(span, device=device)[None, :]
+    dist = r + window - 1 - c  # query - key
+    return (dist >= 0) & (dist < window) if causal else (dist < window) & (dist > -window)
+
+
+def _blocks_padded(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, window: int, causal: bool,
+                   block: int, i0: int, i1: int) -> Tensor:
+    """Query blocks ``i0 <= i < i1`` of the blocked form, ``(B*H, i1 - i0, block, Dv)``, for blocks whose key
+    span leaves ``[0, M)`` (the sequence ends) or when keys are padded: the keys are gathered from a padded
+    copy and masked per block."""
     b, h, n, d = q.shape
     m = k.shape[2]
-    offset = m - n  # absolute position of query row r is r + offset
-    block = max(1, min(block, n))
-    nb = -(-n // block)
-    left = window - 1  # keys before the first query of a block
-    right = 0 if causal else window - 1
-    span = block + left + right
-    # pad keys so that block c covers padded key positions [c*block, c*block + span)
-    # i.e. absolute keys [c*block + offset - left, ...): pad `left - offset` in front (cut if negative)
-    front = left - offset
-    needed = (nb - 1) * block + span
-    back = max(needed - (front + m), 0)
+    offset, left = m - n, window - 1
+    span = block + left + (0 if causal else window - 1)
+    nbr = i1 - i0
+    a = i0 * block + offset - left  # absolute key of column 0 of block i0
+    e = (i1 - 1) * block + offset - left + span  # one past the last key of block i1 - 1
+    lo = min(max(a, 0), m)
+    hi = min(max(e, lo), m)
+    front, back = lo - a, (e - a) - (lo - a) - (hi - lo)
 
-    def pad_keys(t: Tensor, value: float = 0.0) -> Tensor:
-        if front >= 0:
-            t = torch.nn.functional.pad(t, (0, 0, front, back), value=value)
-        else:
-            t = torch.nn.functional.pad(t[:, :, -front:], (0, 0, 0, back), value=value)
-        return t[:, :, :needed]
+    def gather(t: Tensor, value: float = 0.0) -> Tensor:  # (B, H', e - a, X) -> (B*H', nbr, span, X)
+        t = torch.nn.functional.pad(t[:, :, lo:hi], (0, 0, front, back), value=value)
+        return t.reshape(-1, e - a, t.shape[-1]).unfold(1, span, block).transpose(-1, -2)
 
-    # (B*H, nb, span, D): block i's keys as a strided window of the padded keys
-    kp = pad_keys(k).unfold(2, span, block).transpose(-1, -2).reshape(b * h, nb, span, d)
-    vp = pad_keys(v).unfold(2, span, block).transpose(-1, -2).reshape(b * h, nb, span, v.shape[-1])
-    qp = torch.nn.functional.pad(q, (0, 0, 0, nb * block - n)).reshape(b * h, nb, block, d)
-    # validity of (row r, col c) in block i: key position j = i*block + offset - left + c (absolute)
-    r = torch.arange(block, device=q.device)[:, None]
-    c = torch.arange(span, device=q.device)[None, :]
-    dist = r + left - c  # i - j
-    band = (dist >= 0) & (dist < window) if causal else (dist < window) & (dist > -window)
-    starts = torch.arange(nb, device=q.device)[:, None, None] * block + offset - left
-    j = starts + c  # (nb, 1, span)
-    valid = (band & (j >= 0) & (j < m))[None]  # (1, nb, block, span), shared by every batch element and head
+    kp, vp = gather(k), gather(v)
+    qs = q[:, :, i0 * block : min(i1 * block, n)]
+    qp = torch.nn.functional.pad(qs, (0, 0, 0, nbr * block - qs.shape[2])).reshape(b * h, nbr, block, d)
+    j = torch.arange(i0, i1, device=q.device)[:, None, None] * block + offset - left + torch.arange(span, device=q.device)
+    valid = (_band(window, causal, block, span, q.device) & (j >= 0) & (j < m))[None]  # (1, nbr, block, span)
     if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, :].to(q.dtype)
-        kpm = pad_keys(pad[:, :, :, None], value=1.0)[..., 0].unfold(2, span, block)  # (B, 1, nb, span)
-        valid = valid & ~(kpm[:, :, :, None, :] > 0.5)  # (B, 1, nb, block, span)
-        valid = valid.expand(b, h, nb, block, span).reshape(b * h, nb, block, span)
+        kpm = gather(key_padding_mask[:, None, :, None].to(q.dtype), value=1.0)[..., 0]  # (B, nbr, span)
+        valid = valid & ~(kpm[:, None, :, None, :] > 0.5)  # (B, 1, nbr, block, span)
+        valid = valid.expand(b, h, nbr, block, span).reshape(b * h, nbr, block, span)
     # rows with no visible key (padding rows of the last block, or every key padded) attend to one
     # dummy key and are zeroed afterwards: no NaN forward or backward
     empty = ~valid.any(-1, keepdim=True)
     has_empty = bool(empty.any())
     if has_empty:
-        valid = valid | (empty & (c == 0))
+        col0 = torch.zeros(span, dtype=torch.bool, device=q.device)
+        col0[0] = True
+        valid = valid | (empty & col0)
     # an additive 4-D bias is the form for which the CPU SDPA takes its fused kernel (a 3-D boolean mask
     # falls back to the unfused math path, several times slower)
     bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
-    # one fused SDPA call over all blocks (the "heads" axis of the call enumerates the blocks)
     out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=d**-0.5)
-    if has_empty:
-        out = out.masked_fill(empty, 0.0)
-    return out.reshape(b, h, nb * block, -1)[:, :, :n]
+    return out.masked_fill(empty, 0.0) if has_empty else out
+
+
+#: Interior blocks go through SDPA in chunks of about this many output bytes, each copied into the one
+#: output buffer and freed: the allocator then reuses one small buffer instead of mapping (and faulting
+#: in) a fresh full-size output per call (at N = 16k: ~8,000 page faults and up to 10 ms per call).
+_CHUNK_BYTES = 2 * 2**20
+
+
+def _blocked(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, window: int, causal: bool, block: int) -> Tensor:
+    """The blocked form: query blocks of ``block`` rows, each against the ``span`` keys that can reach it,
+    many blocks per fused SDPA call (the call's "heads" axis enumerates the blocks).
+
+    Interior blocks, whose span lies inside the keys and whose rows are all real queries, take their keys
+    as an overlapping strided view of ``k`` and ``v`` (no copy) and share one ``(block, span)`` band bias
+    broadcast over blocks; the few blocks at the two ends (and every block when keys are padded) go
+    through :func:`_blocks_padded`. Measured in docs/mechanisms/sliding_window.md."""
+    b, h, n, d = q.shape
+    m, dv = k.shape[2], v.shape[-1]
+    offset, left = m - n, window - 1
+    block = max(1, min(block, n))
+    nb = -(-n // block)
+    span = block + left + (0 if causal else window - 1)
+    e0 = max(0, -(-(left - offset) // block))  # first block whose span starts at a key >= 0
+    e1 = min(n // block, (m - span - offset + left) // block + 1)  # blocks < e1 end inside the keys, rows all real
+    if key_padding_mask is not None or e1 <= e0:
+        return _blocks_padded(q, k, v, key_padding_mask, window, causal, block, 0, nb).reshape(b, h, nb * block, dv)[:, :, :n]
+    out = torch.empty(b * h, nb, block, dv, dtype=q.dtype, device=q.device)
+    if e0 > 0:
+        out[:, :e0] = _blocks_padded(q, k, v, None, window, causal, block, 0, e0)
+    band = _band(window, causal, block, span, q.device)
+    bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))[None, None]
+    k3, v3, q4 = k.reshape(b * h, m, d), v.reshape(b * h, m, dv), q[:, :, : e1 * block].reshape(b * h, e1, block, d)
+    chunk = max(1, _CHUNK_BYTES // (b * h * block * dv * out.element_size()))
+    for c0 in range(e0, e1, chunk):
+        c1 = min(e1, c0 + chunk)
+        s0, length = c0 * block + offset - left, (c1 - c0 - 1) * block + span
+        kin = k3[:, s0 : s0 + length].unfold(1, span, block).transpose(-1, -2)  # (B*H, c1 - c0, span, D), a view
+        vin = v3[:, s0 : s0 + length].unfold(1, span, block).transpose(-1, -2)
+        out[:, c0:c1] = torch.nn.functional.scaled_dot_product_attention(q4[:, c0:c1], kin, vin, attn_mask=bias, scale=d**-0.5)
+    if e1 < nb:
+        out[:, e1:] = _blocks_padded(q, k, v, None, window, causal, block, e1, nb)
+    return out.reshape(b, h, nb * block, dv)[:, :, :n]
 
 
 @functools.lru_cache(maxsize=32)
