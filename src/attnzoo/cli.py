@@ -22,7 +22,7 @@ from . import registry
 from .bench.capabilities import capability_matrix, write_text_atomic
 
 #: Modules that plug subcommands and report sections into the CLI, in report order.
-PLUGINS = ("attnzoo.bench.speed", "attnzoo.bench.quality", "attnzoo.llm.cli")
+PLUGINS = ("attnzoo.bench.speed", "attnzoo.bench.quality", "attnzoo.bench.local", "attnzoo.llm.cli")
 
 
 def _plugins():
