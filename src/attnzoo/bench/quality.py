@@ -799,6 +799,16 @@ def _save_fig(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _panel_grid(plt, count: int, size: tuple[float, float]):
+    """A figure of ``count`` panels, at most 3 a row, each ``size`` inches; unused axes hidden."""
+    ncol = min(3, count)
+    nrow = math.ceil(count / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(size[0] * ncol, size[1] * nrow), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def make_plots(
     root: Path,
     cells: Sequence[Cell],
@@ -869,11 +879,7 @@ def make_plots(
         if curves:
             panels.append((t, curves))
     if panels:
-        ncol = min(3, len(panels))
-        nrow = math.ceil(len(panels) / ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
-        for ax in axes.flat[len(panels):]:
-            ax.axis("off")
+        fig, axes = _panel_grid(plt, len(panels), (4.2, 3.2))
         handles = {}
         for ax, (t, curves) in zip(axes.flat, panels):
             for lab, curve in curves:
@@ -897,11 +903,7 @@ def make_plots(
         if len(pts) >= 2:
             panels.append((t, pts))
     if panels:
-        ncol = min(3, len(panels))
-        nrow = math.ceil(len(panels) / ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
-        for ax in axes.flat[len(panels):]:
-            ax.axis("off")
+        fig, axes = _panel_grid(plt, len(panels), (4.6, 3.6))
         for ax, (t, pts) in zip(axes.flat, panels):
             for lab, st in pts:
                 x = st["seconds_per_example"] * 1e3
