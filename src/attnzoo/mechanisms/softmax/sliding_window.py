@@ -13,9 +13,11 @@ Three forms, equal to each other:
 
 * reference: :func:`attnzoo.core.reference_attention` with the dense ``N x M`` band mask;
 * ``backend="blocked"`` (default, trains): queries in blocks of ``block_size``; each block attends to
-  the ``block_size + window - 1`` (causal) keys that can reach it, gathered as a strided view of the
-  padded keys, and all blocks go through one fused ``scaled_dot_product_attention`` call with the band
-  mask. Memory and FLOPs grow as ``N * (block_size + window)``, never ``N^2``;
+  the ``block_size + window - 1`` (causal; ``block_size + 2 window - 2`` non-causal) keys that can reach
+  it. Interior blocks read those keys as an overlapping strided view of ``k`` and ``v`` and share one
+  band bias, many blocks per fused ``scaled_dot_product_attention`` call; the blocks at the two ends of
+  the sequence (and all blocks when keys are padded) use a padded copy with a per-block mask. Memory
+  and FLOPs grow as ``N * (block_size + window)``, never ``N^2``;
 * ``backend="flex"``: FlexAttention with a ``BlockMask``, compiled with ``torch.compile`` (inference
   only on CPU: compiled FlexAttention has no CPU backward). Compiled kernels and block masks are cached
   per shape; the first call at a new shape compiles (tens of seconds on CPU), which the benchmark
@@ -120,7 +122,8 @@ def _blocks_padded(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | N
 
 #: Interior blocks go through SDPA in chunks of about this many output bytes, each copied into the one
 #: output buffer and freed: the allocator then reuses one small buffer instead of mapping (and faulting
-#: in) a fresh full-size output per call (at N = 16k: ~8,000 page faults and up to 10 ms per call).
+#: in) a fresh full-size one per call (at N = 16k, window 128, an unchunked version took up to ~8,000
+#: page faults per call in some processes).
 _CHUNK_BYTES = 2 * 2**20
 
 
