@@ -111,6 +111,29 @@ def test_fast_equals_reference_1d(n, causal):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("n,m,ks,hkv", [(1, 1, 5, 2), (63, 63, 5, 2), (257, 257, 64, 1), (40, 40, 100, 2), (9, 29, 4, 2)])
+def test_causal_1d_takes_the_sliding_window_path(n, m, ks, hkv, monkeypatch):
+    """1-D causal undilated NA is sliding_window's causal band (the last kernel_size keys up to the query);
+    with the default block size it runs sliding_window's blocked path: values and gradients == reference."""
+    import attnzoo.mechanisms.softmax.sliding_window as sw
+
+    calls = []
+    real = sw._blocked
+    monkeypatch.setattr(sw, "_blocked", lambda *a: (calls.append(a[4:]), real(*a))[1])
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, n, 12, m=m, hkv=hkv))
+    a = neighborhood_attention(q, k, v, causal=True, kernel_size=ks)
+    assert calls == [(ks, True, 32)]
+    b = neighborhood_attention_reference(q, k, v, causal=True, kernel_size=ks)
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    w = torch.randn_like(a)
+    for ga, gb in zip(torch.autograd.grad((a * w).sum(), (q, k, v)), torch.autograd.grad((b * w).sum(), (q, k, v))):
+        torch.testing.assert_close(ga, gb, atol=1e-10, rtol=0)
+    calls.clear()
+    neighborhood_attention(q, k, v, causal=True, kernel_size=ks, scale=0.5)  # another scale: NA's own path
+    neighborhood_attention(q, k, v, causal=True, kernel_size=ks, block_size=4)  # an explicit tile: NA's own path
+    assert calls == []
+
+
 @pytest.mark.parametrize("dil", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 2, 5, 9])
 def test_fast_equals_reference_causal_fewer_queries(n, dil):

@@ -424,6 +424,12 @@ def neighborhood_attention(
         else tuple(_default_block(x, nd) for x in ks)
     )
     offset = m - n
+    if nd == 1 and dil == (1,) and cz == (True,) and block_size is None and scale == 1.0 / math.sqrt(q.shape[-1]):
+        # 1-D causal, undilated: the window is the last kernel_size keys up to the query, exactly
+        # sliding_window's causal band, whose blocked path is faster here (docs/mechanisms/neighborhood.md)
+        from ..softmax.sliding_window import _blocked as _sliding_window_blocked
+
+        return _sliding_window_blocked(q, k, v, None, ks[0], True, 32)
     if all(d == 1 for d in dil):
         qshape = (n,) if nd == 1 else shape
         return _na_undilated(q, k, v, shape, qshape, ks, cz, offset, blocks, scale)
