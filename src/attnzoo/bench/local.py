@@ -32,31 +32,35 @@ import torch.nn.functional as F
 
 from .capabilities import write_text_atomic
 
+DENSE, BLOCKED, FLEX, FWD_BWD = LABELS = (
+    "SDPA, dense boolean mask", "blocked (default)", "FlexAttention, compiled", "blocked, forward + backward")
 
-def _contestants(mechanism: str, causal: bool, window: int, q, k, v) -> dict[str, tuple[Callable, bool]]:
-    """``{label: (call, has_backward)}`` of one table row group."""
+
+def _contestants(mechanism: str, causal: bool, window: int, q, k, v) -> dict[str, Callable]:
+    """``{label: call}`` of one table row group. The dense ``N x N`` mask is built on the dense
+    contestant's first call only (a worker timing another contestant never allocates it)."""
     import attnzoo as az
 
     n = q.shape[2]
-    if mechanism == "sliding_window":
-        from ..core.masks import dense_mask, sliding_window
+    settings = {"window": window} if mechanism == "sliding_window" else {"kernel_size": window}
+    mask: list = []
 
-        settings = {"window": window}
-        mask = dense_mask(sliding_window(window, causal=causal), n, n, device=q.device)
-    else:
-        from ..mechanisms.sparse.neighborhood import neighborhood_dense_mask
+    def dense():
+        if not mask:
+            if mechanism == "sliding_window":
+                from ..core.masks import dense_mask, sliding_window
 
-        settings = {"kernel_size": window}
-        mask = neighborhood_dense_mask(n, (n,), window, 1, causal, device=q.device)
+                mask.append(dense_mask(sliding_window(window, causal=causal), n, n, device=q.device))
+            else:
+                from ..mechanisms.sparse.neighborhood import neighborhood_dense_mask
+
+                mask.append(neighborhood_dense_mask(n, (n,), window, 1, causal, device=q.device))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0])
 
     def run(backend):
         return lambda: az.attention(q, k, v, mechanism=mechanism, causal=causal, backend=backend, **settings)
 
-    return {
-        "SDPA, dense boolean mask": (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), True),
-        "blocked (default)": (run("blocked"), True),
-        "FlexAttention, compiled": (run("flex"), False),
-    }
+    return {DENSE: dense, BLOCKED: run("blocked"), FLEX: run("flex")}
 
 
 def _inputs(n: int, heads: int, head_dim: int):
@@ -72,14 +76,14 @@ def time_contestant(mech: str, causal: bool, label: str, *, n: int, window: int,
     q, k, v = _inputs(n, heads, head_dim)
     if label == "blocked, forward + backward":
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        fn = _contestants(mech, causal, window, q, k, v)["blocked (default)"][0]
+        fn = _contestants(mech, causal, window, q, k, v)[BLOCKED]
 
         def step():
             fn().sum().backward()
 
         ctx = torch.enable_grad()
     else:
-        fn = _contestants(mech, causal, window, q, k, v)[label][0]
+        fn = _contestants(mech, causal, window, q, k, v)[label]
         step = fn
         ctx = torch.no_grad()
     with ctx:
@@ -117,8 +121,6 @@ def _run_isolated(job: dict, threads: int) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-DENSE, BLOCKED, FLEX, FWD_BWD = LABELS = (
-    "SDPA, dense boolean mask", "blocked (default)", "FlexAttention, compiled", "blocked, forward + backward")
 
 
 def measure(*, n: int = 16384, window: int = 128, heads: int = 4, head_dim: int = 64, repeats: int = 15,
